@@ -1,0 +1,5 @@
+import sys
+
+from fedsecure.cli import main
+
+sys.exit(main())
