@@ -277,7 +277,7 @@ def config_from_dict(tree: Mapping[str, Any]) -> ExperimentConfig:
     if ds_name not in DATASETS:
         errs.append(f"data.dataset: unknown dataset {ds_name!r}; registered: {', '.join(DATASETS.names())}")
     else:
-        errs.extend(check_kwargs(DATASETS.get(ds_name), {**data_raw, "seed": 0}, where="[data]"))
+        errs.extend(check_kwargs(DATASETS.get(ds_name), {"seed": 0, **data_raw}, where="[data]"))
     if not isinstance(max_length, int) or max_length < 16:
         errs.append(f"data.max_length must be an integer >= 16, got {max_length!r}")
     data = DataConfig(dataset=ds_name, max_length=max_length, params=data_raw)

@@ -210,7 +210,7 @@ class Experiment:
         lora: LoraSettings = cfg.lora
         model = attach_lora(base, lora)
         self.model, self.tokenizer = model, tok
-        ds = DATASETS.get(cfg.data.dataset)(**dict(cfg.data.params), seed=cfg.seed)
+        ds = DATASETS.get(cfg.data.dataset)(**{"seed": cfg.seed, **dict(cfg.data.params)})
         self.dataset = ds
         max_len = cfg.data.max_length
         client_feats = [encode_dataset(tok, list(c), max_length=max_len) for c in ds.clients]

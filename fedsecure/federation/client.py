@@ -77,6 +77,7 @@ def run_client(
     ctx: RoundContext,
     client_id: int,
     pad_token_id: int,
+    progress: bool = False,
 ) -> LocalResult:
     """Train one client locally from ``global_state`` and return its (transformed) update.
 
@@ -137,8 +138,13 @@ def run_client(
     t0 = time.perf_counter()
     losses: list[float] = []
     steps = 0
+    batches: Any = setup.data_loader
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=f"client {client_id} local steps", unit="step", leave=False)
     try:
-        for batch in setup.data_loader:
+        for batch in batches:
             if setup.step_fn is not None:
                 losses.append(setup.step_fn(batch))
             else:

@@ -250,12 +250,7 @@ class SimulationEngine:
         norms: dict[int, float] = {}
         local_s = 0.0
         down = delta_nbytes(sent_state)
-        clients_iter: Any = sampled
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            clients_iter = tqdm(sampled, desc=f"round {r} clients", unit="client", leave=False)
-        for cid in clients_iter:
+        for cid in sampled:
             res = run_client(
                 model=self.model,
                 global_state=sent_state,
@@ -267,6 +262,7 @@ class SimulationEngine:
                 ctx=ctx,
                 client_id=cid,
                 pad_token_id=self._pad_id(),
+                progress=self.progress,
             )
             local_s += res.train_seconds
             update = res.update
