@@ -28,6 +28,9 @@ class View(enum.StrEnum):
 
     SERVER_PER_CLIENT = "server_per_client"
     """The server sees each client's plaintext update."""
+    SERVER_PER_CLIENT_PARTIAL = "server_per_client_partial"
+    """The server sees part of each client's update in plaintext (selective encryption);
+    the hidden coordinates read as zero."""
     SERVER_AGGREGATE = "server_aggregate"
     """The server sees only the (weighted) sum of the sampled clients' updates."""
     RELEASED_MODEL = "released_model"

@@ -107,6 +107,9 @@ class Attack:
     def applicability(self, views: frozenset[View], *, transport_name: str = "") -> str:
         """Return "" when the attack can run with ``views``, else the reason it cannot."""
         missing = self.needs - views
+        if View.SERVER_PER_CLIENT in missing and View.SERVER_PER_CLIENT_PARTIAL in views:
+            # selective encryption: per-client attacks run on the coordinates left in plaintext
+            missing = missing - {View.SERVER_PER_CLIENT}
         if not missing:
             return ""
         return (

@@ -69,7 +69,7 @@ def server_round(
     combined = transport.combine(sealed, ctx=ctx, dropped=dropped)
     t1 = time.perf_counter()
     per_client: list[ClientUpdate] = []
-    if View.SERVER_PER_CLIENT in transport.exposes:
+    if transport.exposes & {View.SERVER_PER_CLIENT, View.SERVER_PER_CLIENT_PARTIAL}:
         for s in sealed:
             if s.plaintext is not None:
                 meta = (updates_meta or {}).get(s.client_id)
