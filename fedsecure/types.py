@@ -48,6 +48,18 @@ class InvalidUpdateError(ValueError):
         self.reason = reason
 
 
+class ModelMismatchError(RuntimeError):
+    """Clients of one round received a global adapter other than the one the server announced."""
+
+
+class RoundAbortedError(RuntimeError):
+    """A round produced no aggregate (e.g. too few secure-aggregation shares survived).
+
+    Engines keep the previous global adapter and record the round as aborted; nothing
+    beyond what the protocol already revealed leaks.
+    """
+
+
 @dataclass(frozen=True)
 class ClientUpdate:
     """A client's plaintext contribution to one round.

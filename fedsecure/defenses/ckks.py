@@ -113,7 +113,7 @@ import torch
 from fedsecure.federation.transport import Sealed, SealedSum, Transport
 from fedsecure.models.lora import FlatSpec, flatten_adapter, unflatten_adapter
 from fedsecure.registry import TRANSPORTS
-from fedsecure.types import AdapterDelta, ClientUpdate, InvalidUpdateError, RoundContext, View
+from fedsecure.types import AdapterDelta, ClientUpdate, InvalidUpdateError, RoundAbortedError, RoundContext, View
 
 __all__ = [
     "DEFAULT_PRESET",
@@ -165,7 +165,7 @@ class CkksParameterError(ValueError):
     """A CKKS parameter set was refused (the message gives the reason and the fix)."""
 
 
-class AggregateIntegrityError(ValueError):
+class AggregateIntegrityError(ValueError, RoundAbortedError):
     """The decrypted aggregate is outside what honest clients can produce (wrong key or tampering)."""
 
 

@@ -20,11 +20,9 @@ from fedsecure.config import FederationConfig
 from fedsecure.defenses.base import Defense, TrainingSetup
 from fedsecure.models.lora import get_adapter_state, set_adapter_state
 from fedsecure.models.loss import per_sequence_loss
-from fedsecure.types import AdapterDelta, ClientUpdate, RoundContext, adapter_hash
+from fedsecure.types import AdapterDelta, ClientUpdate, ModelMismatchError, RoundContext, adapter_hash
 
-
-class ModelMismatchError(RuntimeError):
-    """The global adapter a client received does not match the hash the server announced."""
+__all__ = ["LocalResult", "ModelMismatchError", "derive_seed", "make_optimizer", "run_client"]
 
 
 def derive_seed(*parts: int | str) -> int:
