@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="simulation (default, one process) or flower (SuperLink + SuperNodes)")
     r.add_argument("--supernodes", type=int, default=None, help="flower: number of local SuperNodes")
     r.add_argument("--superlink", default=None, help="flower: address of an existing SuperLink")
+    r.add_argument("--tls", action="store_true", help="flower: local SuperLink/SuperNodes over TLS (fresh CA)")
+    r.add_argument("--root-certificates", default=None, metavar="CA.pem",
+                   help="flower: CA certificate of the --superlink's TLS certificate")
+    r.add_argument("--insecure", action="store_true", help="flower: connect to --superlink without TLS")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     for kind in ("models", "datasets", "transports", "aggregators", "defenses", "attacks"):
         sub.add_parser(kind, help=f"list the registered {kind}")

@@ -186,6 +186,8 @@ class Experiment:
                 "these parts cannot run together:\n  - " + "\n  - ".join(conflicts)
             )
         self.client_hook: Callable[..., Any] | None = None
+        self.engine_factory: Callable[..., Any] | None = None
+        """Builds the round engine from SimulationEngine's keyword arguments (None: the embedded engine)."""
         self.model: Any = None
         self.tokenizer: Any = None
         self.dataset: Any = None
@@ -255,7 +257,7 @@ class Experiment:
             setup = getattr(a, "setup", None)
             if callable(setup):
                 setup(run_info=run_info, dataset=ds)
-        engine = SimulationEngine(
+        engine = (self.engine_factory or SimulationEngine)(
             config=cfg,
             model=model,
             tokenizer=tok,
@@ -274,6 +276,7 @@ class Experiment:
             progress=progress,
             client_hook=self.client_hook,
         )
+        engine.run_info = run_info
         t_fed = time.perf_counter()
         final_state = engine.run(global_state=global_state, resume=resume)
         fed_s = time.perf_counter() - t_fed
@@ -385,8 +388,8 @@ class Experiment:
             "bytes_up_per_client_per_round": (sum(up) / len(up)) if up else 0,
             "bytes_down_per_client_per_round": (sum(down) / len(down)) if down else 0,
             "peak_rss_mb": peak_mb,
-            "transport": self.transport.cost_report(),
-            "plaintext_fraction": self.transport.plaintext_fraction(),
+            "transport": engine.transport.cost_report(),
+            "plaintext_fraction": engine.transport.plaintext_fraction(),
         }
         federation = {
             "transport": self.transport.name,

@@ -80,6 +80,22 @@ class RoundRecord:
         }
 
 
+@dataclass
+class ClientPhase:
+    """What the clients' part of a round produced, as the server receives it."""
+
+    sealed: list[Sealed]
+    sent_meta: dict[int, ClientUpdate]
+    rejected: list[dict[str, Any]]
+    client_metrics: dict[int, dict[str, float]]
+    bytes_up: dict[int, int]
+    bytes_down: dict[int, int]
+    norms: dict[int, float]
+    local_s: float
+    dropped: list[int]
+    """Sampled clients whose update did not arrive (simulated or real dropouts)."""
+
+
 ClientHook = Callable[[ClientUpdate, RoundContext], ClientUpdate]
 
 
@@ -218,29 +234,12 @@ class SimulationEngine:
         set_adapter_state(self.model, global_state)
         return global_state
 
-    def _round(self, r: int, global_state: AdapterDelta, *, per_round: int, num_clients: int) -> AdapterDelta:
-        cfg = self.config
-        fed = cfg.federation
-        t_round = time.perf_counter()
-        sampled = sample_clients(num_clients=num_clients, per_round=per_round, seed=cfg.seed, round_index=r)
-        sent_state = global_state
-        for obs in self.observers:
-            craft = getattr(obs, "craft_global", None)
-            if getattr(obs, "malicious", False) and craft is not None:
-                crafted = craft(global_state, r)
-                if crafted is not None:
-                    sent_state = crafted
-        ctx = RoundContext(
-            round=r,
-            num_rounds=fed.rounds,
-            sampled_clients=sampled,
-            num_clients=num_clients,
-            seed=cfg.seed,
-            global_hash=adapter_hash(sent_state),
-            run_id=cfg.config_hash(),
-        )
-        self.transport.begin_round(ctx, template=sent_state, client_ids=sampled)
-        dropped = self._drop(sampled, r)
+    def _client_phase(
+        self, *, ctx: RoundContext, sent_state: AdapterDelta, dropped: Sequence[int]
+    ) -> ClientPhase:
+        """Run the sampled clients' step and encode their updates (an engine may do this remotely)."""
+        fed = self.config.federation
+        r = ctx.round
         sealed: list[Sealed] = []
         sent_meta: dict[int, ClientUpdate] = {}
         rejected: list[dict[str, Any]] = []
@@ -250,7 +249,7 @@ class SimulationEngine:
         norms: dict[int, float] = {}
         local_s = 0.0
         down = delta_nbytes(sent_state)
-        for cid in sampled:
+        for cid in ctx.sampled_clients:
             res = run_client(
                 model=self.model,
                 global_state=sent_state,
@@ -285,6 +284,44 @@ class SimulationEngine:
             sealed.append(s)
             sent_meta[cid] = update
             bytes_up[cid] = s.nbytes
+        return ClientPhase(
+            sealed=sealed,
+            sent_meta=sent_meta,
+            rejected=rejected,
+            client_metrics=client_metrics,
+            bytes_up=bytes_up,
+            bytes_down=bytes_down,
+            norms=norms,
+            local_s=local_s,
+            dropped=sorted(set(dropped)),
+        )
+
+    def _round(self, r: int, global_state: AdapterDelta, *, per_round: int, num_clients: int) -> AdapterDelta:
+        cfg = self.config
+        fed = cfg.federation
+        t_round = time.perf_counter()
+        sampled = sample_clients(num_clients=num_clients, per_round=per_round, seed=cfg.seed, round_index=r)
+        sent_state = global_state
+        for obs in self.observers:
+            craft = getattr(obs, "craft_global", None)
+            if getattr(obs, "malicious", False) and craft is not None:
+                crafted = craft(global_state, r)
+                if crafted is not None:
+                    sent_state = crafted
+        ctx = RoundContext(
+            round=r,
+            num_rounds=fed.rounds,
+            sampled_clients=sampled,
+            num_clients=num_clients,
+            seed=cfg.seed,
+            global_hash=adapter_hash(sent_state),
+            run_id=cfg.config_hash(),
+        )
+        self.transport.begin_round(ctx, template=sent_state, client_ids=sampled)
+        phase = self._client_phase(ctx=ctx, sent_state=sent_state, dropped=self._drop(sampled, r))
+        sealed, sent_meta, rejected = phase.sealed, phase.sent_meta, phase.rejected
+        client_metrics, bytes_up, bytes_down = phase.client_metrics, phase.bytes_up, phase.bytes_down
+        norms, local_s, dropped = phase.norms, phase.local_s, phase.dropped
         not_sent = sorted(set(sampled) - {s.client_id for s in sealed})
         result = server_round(
             global_state=sent_state,
