@@ -21,7 +21,8 @@ def test_catalog_listings(capsys):
 def test_run_tiny_from_cli(tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["run", "--quiet", "--out", str(out), "--set", "model.name=tiny", "--set", "federation.rounds=1",
-               "--set", "federation.local_steps=2", "--set", "data.num_clients=2", "--set", "data.examples_per_client=8",
+               "--set", "federation.local_steps=2", "--set", "data.num_clients=2",
+               "--set", "data.examples_per_client=8",
                "--set", "data.max_length=64"])
     assert rc == 0
     text = capsys.readouterr().out

@@ -72,7 +72,9 @@ def _positions(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return pos.contiguous()
 
 
-def supervised_token_nll(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def supervised_token_nll(
+    model: torch.nn.Module, batch: Mapping[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """NLL of every supervised next token and its row index: ``(nll [K], row [K])``.
 
     The output head (the largest matrix of a small LM: vocabulary x hidden) is applied
