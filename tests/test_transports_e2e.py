@@ -56,3 +56,15 @@ def test_per_client_attack_not_applicable_under_ckks(tiny_config):
     exp = Experiment(tiny_config(transport={"name": "ckks"}))
     reason = PerClient().applicability(frozenset(exp.transport.exposes), transport_name="ckks")
     assert "server_per_client" in reason and "ckks" in reason
+
+
+def test_secagg_round_with_too_many_dropouts_aborts_and_run_goes_on(tiny_config):
+    """Below the share threshold the round aborts (global adapter kept); later rounds proceed."""
+    cfg = tiny_config(**{"data.num_clients": 4, "federation.rounds": 1},
+                      transport={"name": "secagg", "max_dropout_fraction": 0.0,
+                                 "stage_dropout_rates": {"masked_input": 0.5}})
+    res = Experiment(cfg).run()
+    r0 = res.rounds[0]
+    assert r0["aggregated"] == []
+    assert any("round aborted" in x["reason"] for x in r0["rejected"])
+    assert res.utility["eval_loss"] == pytest.approx(res.utility["eval_loss_initial"])

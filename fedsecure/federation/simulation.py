@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from fedsecure.attacks.base import Attack, RoundObservation
 from fedsecure.config import ExperimentConfig
@@ -27,10 +28,17 @@ from fedsecure.federation.aggregation import Aggregator
 from fedsecure.federation.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fedsecure.federation.client import derive_seed, run_client
 from fedsecure.federation.evaluation import evaluate
-from fedsecure.federation.server import sample_clients, server_round
+from fedsecure.federation.server import ServerRoundResult, sample_clients, server_round
 from fedsecure.federation.transport import Sealed, Transport, delta_nbytes
 from fedsecure.models.lora import set_adapter_state
-from fedsecure.types import AdapterDelta, ClientUpdate, InvalidUpdateError, RoundContext, adapter_hash
+from fedsecure.types import (
+    AdapterDelta,
+    ClientUpdate,
+    InvalidUpdateError,
+    RoundAbortedError,
+    RoundContext,
+    adapter_hash,
+)
 
 log = logging.getLogger(__name__)
 
@@ -323,16 +331,26 @@ class SimulationEngine:
         client_metrics, bytes_up, bytes_down = phase.client_metrics, phase.bytes_up, phase.bytes_down
         norms, local_s, dropped = phase.norms, phase.local_s, phase.dropped
         not_sent = sorted(set(sampled) - {s.client_id for s in sealed})
-        result = server_round(
-            global_state=sent_state,
-            ctx=ctx,
-            sealed=sealed,
-            dropped=not_sent,
-            transport=self.transport,
-            aggregator=self.aggregator,
-            defenses=self.defenses,
-            updates_meta=sent_meta,
-        )
+        try:
+            result = server_round(
+                global_state=sent_state,
+                ctx=ctx,
+                sealed=sealed,
+                dropped=not_sent,
+                transport=self.transport,
+                aggregator=self.aggregator,
+                defenses=self.defenses,
+                updates_meta=sent_meta,
+            )
+        except RoundAbortedError as err:
+            # e.g. too few secure-aggregation shares survived: keep the global adapter, record it
+            log.warning("round %d aborted: %s", r, err)
+            rejected = [*rejected, {"client_id": "all", "reason": f"round aborted: {err}"}]
+            result = ServerRoundResult(
+                new_global={k: v.clone() for k, v in global_state.items()},
+                delta={k: torch.zeros_like(v) for k, v in global_state.items()},
+                aggregated_clients=(),
+            )
         round_s = time.perf_counter() - t_round
         for cid, extra in getattr(self.transport, "last_round_bytes", {}).items():
             bytes_up[cid] = extra.get("up", bytes_up.get(cid, 0))
