@@ -26,14 +26,12 @@ _BUILTIN_MODULES: dict[str, tuple[str, ...]] = {
     "defense": (
         "fedsecure.defenses.dp",
         "fedsecure.defenses.central_dp",
-        "fedsecure.defenses.poisoning_defenses",
     ),
     "attack": (
         "fedsecure.attacks.membership",
         "fedsecure.attacks.canaries",
         "fedsecure.attacks.client_membership",
         "fedsecure.attacks.inversion",
-        "fedsecure.attacks.poisoning",
     ),
 }
 
@@ -78,13 +76,10 @@ class Registry(Generic[T]):
         if self._loaded:
             return
         self._loaded = True
+        # Catalog modules import their optional dependencies (opacus, tenseal, flwr) lazily, so
+        # importing them never fails for a missing extra; any import error here is a bug to surface.
         for mod in _BUILTIN_MODULES.get(self.kind, ()):
-            try:
-                importlib.import_module(mod)
-            except ModuleNotFoundError as err:  # a catalog module not built yet, or an optional dep
-                if err.name and err.name.startswith("fedsecure"):
-                    continue
-                raise
+            importlib.import_module(mod)
 
     def get(self, name: str) -> T:
         """Return the entry called ``name`` or raise :class:`UnknownNameError`."""

@@ -26,8 +26,9 @@ def make_plain_round(*, local_steps: int = 1, lr: float = 0.1, optimizer: str = 
     from fedsecure.models import LoraSettings, attach_lora, get_adapter_state, load_model, set_adapter_state
     from fedsecure.models.loss import per_sequence_loss
 
+    # iid: members and non-members of one distribution (no site shift a text classifier could use)
     ds = private_records(num_clients=2, examples_per_client=12, num_eval=2, num_nonmembers=24,
-                         canary_repetitions=(), seed=0)
+                         canary_repetitions=(), partition="iid", seed=0)
     base, tok = load_model("tiny")
     model = attach_lora(base, LoraSettings(rank=4, alpha=8, target_modules=("q_proj", "v_proj")))
     g = torch.Generator().manual_seed(0)
@@ -77,6 +78,7 @@ def test_client_level_auc_high_on_plain_updates(plain_round):
     assert res.applicable, res.reason
     m = res.metrics
     assert m["auc"] >= 0.9, m
+    assert m["blind_baseline_auc"] < 0.8, m  # the text alone does not explain the attack's success
     assert m["num_members"] == 24 and m["num_nonmembers"] == 24
     assert set(m["tpr_at_fpr"]) == {"0.01", "0.001", "0.0"}
     assert m["rounds_attacked"] == [0]
@@ -154,7 +156,8 @@ def test_through_the_experiment(tiny_config, transport):
     under secagg the result says why it cannot be."""
     from fedsecure.experiment import Experiment
 
-    cfg = tiny_config(**{"transport": {"name": transport}, "data.num_clients": 3, "federation.rounds": 1,
+    cfg = tiny_config(**{"transport": {"name": transport}, "data.num_clients": 3, "data.partition": "iid",
+                         "data.num_nonmembers": 24, "federation.rounds": 1,
                          "attacks": [{"name": "client-membership", "records_per_client": 8}]})
     res = Experiment(cfg).run()
     (entry,) = [a for a in res.attacks if a["name"] == "client-membership"]
@@ -166,3 +169,4 @@ def test_through_the_experiment(tiny_config, transport):
     m = entry["metrics"]
     assert m["num_members"] == m["num_nonmembers"] == 3 * 8
     assert m["auc"] >= 0.8, m
+    assert m["blind_baseline_auc"] < 0.8, m

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import html
+import inspect
 import json
 import math
 import re
@@ -520,7 +521,8 @@ def run_audit(
     for n in names:
         cls = ATTACKS.get(n)
         kwargs = dict(options.get(n, {}))
-        kwargs.setdefault("seed", seed)
+        if "seed" in inspect.signature(cls).parameters:
+            kwargs.setdefault("seed", seed)
         attack = cls(**kwargs)
         if getattr(attack, "when", "final") != "final":
             results.append(
@@ -628,12 +630,9 @@ def audit_main(argv: list[str] | None = None) -> int:
         population = read_examples(args.population, what="population") if args.population else None
         attacks = [a.strip() for a in args.attacks.split(",") if a.strip()] if args.attacks else None
         options: dict[str, dict[str, Any]] = {}
-        if args.num_candidates is not None:
+        runs_canaries = "canary-exposure" in attacks if attacks is not None else bool(canaries)
+        if args.num_candidates is not None and runs_canaries:
             options["canary-exposure"] = {"num_candidates": args.num_candidates}
-            if attacks is not None and "canary-exposure" not in attacks:
-                options = {}
-            if attacks is None and not canaries:
-                options = {}
         audit = run_audit(
             base=args.base,
             adapter_dir=args.adapter,

@@ -152,6 +152,9 @@ class DPFedAvgDefense(Defense):
 
     name = "dp-fedavg"
     requires_views: ClassVar[frozenset[View]] = frozenset()
+    """Clipping is done by the (trusted) clients, noise after aggregation: no per-client view needed."""
+    transform_priority: ClassVar[int] = 90
+    """Clip and add the noise share last, after any other update transform, right before encoding."""
 
     def __init__(
         self,
