@@ -19,8 +19,9 @@ from typing import Any
 import torch
 
 from fedsecure.attacks.inversion._layout import LoraLayout, noise_floor, quantisation_noise, stacked_rows
-from fedsecure.attacks.inversion._model import FirstBlock
+from fedsecure.attacks.inversion._model import PrefixStack, decoder_parts
 from fedsecure.attacks.inversion.ordering import (
+    OrderedSequence,
     SiteCheck,
     assistant_label_fn,
     beam_order,
@@ -106,6 +107,9 @@ class InversionSettings:
         ordering extension to pass.
     novelty_tol: least new-direction component a position must add to its prefix.
     beam_width: most prefixes kept per position (raised to 2 x expected sequences).
+    order_depth: decoder blocks evaluated per candidate; every LoRA site they feed (block l's
+        o/MLP/down inputs, block l+1's q/k/v input) is an independent span check, and the
+        candidate's score is the root-mean-square of its normalised residuals over them.
     max_tokens: longest sequence searched (the training max_length when known).
     last_token_top_k: model predictions tried as the last token (plus the recovered set).
     last_layers: decoder layers whose LoRA update decides the last token.
@@ -118,6 +122,7 @@ class InversionSettings:
     order_threshold: float = 2.0
     novelty_tol: float = 1e-3
     beam_width: int = 16
+    order_depth: int = 4
     max_tokens: int = 128
     last_token_top_k: int = 8
     last_layers: int = 2
@@ -131,7 +136,7 @@ class InversionSettings:
                 raise ValueError(f"{name} must be in (0, 1), got {v!r}")
         if not self.order_threshold > 0:
             raise ValueError(f"order_threshold must be > 0, got {self.order_threshold!r}")
-        for name in ("beam_width", "max_tokens", "last_token_top_k", "last_layers"):
+        for name in ("beam_width", "order_depth", "max_tokens", "last_token_top_k", "last_layers"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -210,6 +215,25 @@ def undo_weight_decay(
         c = 1.0 - (1.0 - facts.lr * facts.weight_decay) ** facts.local_steps
         for k in out:
             out[k] = out[k] + c * global_state[k].float()
+    return out
+
+
+def linearise_adam_step(update: Mapping[str, torch.Tensor], *, lr: float) -> dict[str, torch.Tensor]:
+    """Undo the normalisation of *one* Adam/AdamW step (weight decay already removed).
+
+    torch's first Adam step is ``u = -lr g / (|g| + eps)`` elementwise (the bias corrections
+    make ``m_hat = g`` and ``sqrt(v_hat) = |g|``). Solving for ``g`` gives
+    ``u lr / (lr - |u|) = -lr g / eps``: a fixed multiple of the gradient, whatever ``eps`` and
+    the betas are, so every span property of the gradient holds for the result. Elements with
+    ``|u| >= lr`` (|g| >> eps, where the inversion has no precision left) are kept as they are;
+    callers use this only in Adam's linear regime (``|u| << lr``).
+    """
+    out = {}
+    for k, u in update.items():
+        u = u.detach().double()
+        den = lr - u.abs()
+        ok = den > 0
+        out[k] = torch.where(ok, u * lr / torch.where(ok, den, torch.ones_like(den)), u).float()
     return out
 
 
@@ -310,6 +334,9 @@ def invert_update(
                 )
             else:
                 notes.append(f"Adam in its linear regime (max |update| = {peak:.1e} x lr x steps)")
+                if facts.local_steps == 1:
+                    work = linearise_adam_step(work, lr=facts.lr)
+                    notes.append("one Adam step linearised exactly: u * lr / (lr - |u|) = -lr g / eps")
     if facts.local_steps > 1:
         notes.append(
             f"{facts.local_steps} local steps: the token set is exact for a linear optimizer; the ordering "
@@ -381,44 +408,62 @@ def invert_update(
         explained: dict[str, float] = {}
         tolerance: dict[str, float] = {}
         if tokset.token_ids:
+            n_layers = len(decoder_parts(model).layers)
             checks = ordering_checks(
-                work, layout, rank_tol=settings.rank_tol, global_state=global_state, route=route, noise=noise
+                work,
+                layout,
+                rank_tol=settings.rank_tol,
+                global_state=global_state,
+                route=route,
+                noise=noise,
+                depth=settings.order_depth,
+                num_layers=n_layers,
             )
             limit = layout.rank if route == "B" else None
             exact_checks = [c for c in checks if not _saturated(c, limit)]
             if not checks:
                 reasons.append("no LoRA on the sites after the first attention: the order is unobservable")
-            block = FirstBlock(model)
+            block = PrefixStack(model, depth=settings.order_depth)
             block.self_check(list(tokset.token_ids[:8]))
             max_len = min(settings.max_tokens, facts.max_length or settings.max_tokens) - 1
             width = max(settings.beam_width, 2 * (expected_sequences or 1))
-            if exact_checks:
-                order_exact = len(exact_checks) == len(checks)
-                found = beam_order(
+            def search(use: Sequence[SiteCheck], *, exact: bool) -> list[OrderedSequence]:
+                return beam_order(
                     block,
                     tokset.token_ids,
-                    exact_checks,
+                    use,
                     max_len=max_len,
                     beam_width=width,
                     threshold=settings.order_threshold,
                     novelty_tol=settings.novelty_tol,
-                    exact=True,
+                    exact=exact,
                 )
+
+            if exact_checks:
+                order_exact = len(exact_checks) == len(checks)
+                found = search(exact_checks, exact=True)
+                covered = {t for f in found if f.complete for t in f.token_ids}
+                if not set(tokset.token_ids) <= covered:
+                    # some positions are not resolved by the ordering spans: several local steps moved
+                    # the inputs (the client's adapter changed), or positions that reach the loss only
+                    # weakly (a prompt before the supervised response) sit below the noise. Rank instead.
+                    order_exact = False
+                    why = (
+                        f"{facts.local_steps} local steps moved the ordering inputs out of the span"
+                        if facts.local_steps > 1
+                        else "some positions' ordering inputs are not resolved above the noise"
+                    )
+                    reasons.append(
+                        f"{why} (no checked sequence covers the token set): the order is ranked by span "
+                        "residual (best effort), not checked"
+                    )
+                    found = search(checks, exact=False)
             elif checks:
                 reasons.append(
                     "more positions than stacked rows at every ordering site: the order is ranked by span "
                     "residual (best effort), not checked"
                 )
-                found = beam_order(
-                    block,
-                    tokset.token_ids,
-                    checks,
-                    max_len=max_len,
-                    beam_width=max(width, expected_sequences or 1),
-                    threshold=settings.order_threshold,
-                    novelty_tol=settings.novelty_tol,
-                    exact=False,
-                )
+                found = search(checks, exact=False)
             else:
                 found = []
             complete = [f for f in found if f.complete and f.token_ids] or [f for f in found if f.token_ids]

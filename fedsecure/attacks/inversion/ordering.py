@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from fedsecure.attacks.inversion._layout import LoraLayout, noise_floor, stacked_rows
-from fedsecure.attacks.inversion._model import ORDER_SITES, FirstBlock, PrefixCache, decoder_parts
+from fedsecure.attacks.inversion._model import PrefixCache, PrefixStack, decoder_parts, stack_sites
 from fedsecure.attacks.inversion.recovery import RowSpace, expected_residual, row_space
 from fedsecure.models.loss import IGNORE_INDEX
 
@@ -68,6 +68,8 @@ def ordering_checks(
     global_state: Mapping[str, torch.Tensor] | None = None,
     route: str = "A",
     noise: Mapping[str, float] | None = None,
+    depth: int = 1,
+    num_layers: int | None = None,
 ) -> list[SiteCheck]:
     """Span checks of every ordering site that carries LoRA modules with a non-zero update.
 
@@ -75,7 +77,8 @@ def ordering_checks(
     from its B-update and the global ``A`` (informative only while positions < r).
     """
     out: list[SiteCheck] = []
-    for site in ORDER_SITES:
+    layers = num_layers if num_layers is not None else 1 + max(m.layer for m in layout.modules)
+    for site in stack_sites(depth, layers):
         mods = layout.at_site(*site)
         if not mods:
             continue
@@ -115,7 +118,8 @@ class OrderedSequence:
     residual: float
     """Largest span residual along the sequence (0 = every position in the span)."""
     complete: bool
-    """True when the search ended because no extension passed (the natural end)."""
+    """True when every position passed the span check (the search ended because no extension
+    passed, or at the length bound); False for best-effort (saturated) sequences."""
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -123,7 +127,7 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def beam_order(
-    block: FirstBlock,
+    block: PrefixStack,
     token_set: Sequence[int],
     checks: Sequence[SiteCheck],
     *,
@@ -160,69 +164,85 @@ def beam_order(
     if not token_set or not checks:
         return []
     toks = torch.tensor(list(token_set), dtype=torch.long)
-    n = toks.numel()
     cache: PrefixCache = block.empty()
     prefixes: list[list[int]] = [[]]
     worst = torch.zeros(1)
     own: dict[int, torch.Tensor] = {}  # check index -> P x w x L orthonormal prefix bases
     finished: list[OrderedSequence] = []
+    by_site: dict[tuple[str, int], list[int]] = {}
+    for i, c in enumerate(checks):
+        by_site.setdefault(c.site, []).append(i)
+    prune = max(3.0 * threshold, threshold + 4.0)
+
+    def zscores(index: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        check = checks[index]
+        if check.projector is not None:
+            x = x @ check.projector.T
+        x = _unit(x.float())
+        u = check.space.basis.float()
+        coords = x @ u
+        return (x - coords @ u.T).norm(dim=-1) / check.tolerance(coords), x
+
+    def keep(site, inputs, parent, tok_idx):  # prune between blocks on the attention-input checks
+        mask = torch.ones(inputs.shape[0], dtype=torch.bool)
+        for i in by_site.get(site, []):
+            z, _ = zscores(i, inputs)
+            mask &= z < prune
+        return mask
+
     for pos in range(max_len):
-        sites, k, v = block.extend(cache, toks, pos)
+        ext = block.extend(cache, toks, pos, keep=keep if exact else None)
         p_count = len(prefixes)
-        res = torch.zeros(p_count, n)
-        nov = torch.zeros(p_count, n)
-        unit_sites = {}
-        for c_index, check in enumerate(checks):
-            u = check.space.basis.float()
-            x = sites[check.site].float()
-            if check.projector is not None:
-                x = x @ check.projector.T
-            x = _unit(x)  # P x n x w
-            s = c_index
-            unit_sites[s] = x
-            coords = x @ u
-            r = (x - coords @ u.T).norm(dim=-1) / check.tolerance(coords)
-            res = torch.maximum(res, r)
-            if s in own and own[s].shape[-1] > 0:
-                qb = own[s]  # P x w x L
-                coef = torch.einsum("pnw,pwl->pnl", x, qb)
-                rest = x - torch.einsum("pnl,pwl->pnw", coef, qb)
+        count = ext.parent.numel()
+        z2 = torch.zeros(count)
+        used = 0
+        nov = torch.zeros(count)
+        unit_sites: dict[int, torch.Tensor] = {}
+        for index, check in enumerate(checks):
+            if check.site not in ext.sites:
+                continue
+            z, x = zscores(index, ext.sites[check.site])
+            unit_sites[index] = x
+            z2 += z.pow(2)
+            used += 1
+            if index in own and own[index].shape[-1] > 0:
+                qb = own[index][ext.parent]  # N x w x L
+                coef = torch.einsum("nw,nwl->nl", x, qb)
+                rest = x - torch.einsum("nl,nwl->nw", coef, qb)
                 nov = torch.maximum(nov, rest.norm(dim=-1))
             else:
-                nov = torch.maximum(nov, torch.ones_like(nov))
+                nov = torch.ones_like(nov)
+        score_all = (z2 / max(used, 1)).sqrt()  # root-mean-square z over the independent checks
         ok = nov > novelty_tol
         if exact:
-            ok &= res < threshold
-        score = torch.where(ok, torch.maximum(res, worst.unsqueeze(1)), torch.full_like(res, math.inf))
-        flat = score.flatten()
-        order = torch.argsort(flat)
-        keep = [int(i) for i in order[:beam_width] if math.isfinite(float(flat[i]))]
-        parents_alive = {i // n for i in keep}
+            ok &= score_all < threshold
+        score = torch.where(ok, torch.maximum(score_all, worst[ext.parent]), torch.full_like(score_all, math.inf))
+        order = torch.argsort(score)
+        chosen = [int(i) for i in order[:beam_width] if math.isfinite(float(score[i]))]
+        parents_alive = {int(ext.parent[i]) for i in chosen}
+        ok_parents = set(ext.parent[ok].tolist())
         for p in range(p_count):
-            if p not in parents_alive and prefixes[p]:
-                if exact or not bool(ok[p].any()):
-                    finished.append(OrderedSequence(tuple(prefixes[p]), float(worst[p]), True))
-        if not keep:
+            if p not in parents_alive and prefixes[p] and (exact or p not in ok_parents):
+                finished.append(OrderedSequence(tuple(prefixes[p]), float(worst[p]), True))
+        if not chosen:
             break
-        parents = torch.tensor([i // n for i in keep])
-        tok_idx = torch.tensor([i % n for i in keep])
-        cache = block.append(cache, parents, tok_idx, k, v)
+        idx = torch.tensor(chosen)
+        cache = block.append(cache, ext, idx)
         new_own = {}
-        for s, x in unit_sites.items():
-            chosen = x[parents, tok_idx]  # K x w
-            if s in own and own[s].shape[-1] > 0:
-                qb = own[s][parents]
-                chosen = chosen - torch.einsum("kl,kwl->kw", torch.einsum("kw,kwl->kl", chosen, qb), qb)
-                chosen = _unit(chosen)
-                new_own[s] = torch.cat([qb, chosen.unsqueeze(-1)], dim=-1)
+        for index, x in unit_sites.items():
+            pick = x[idx]  # K x w
+            if index in own and own[index].shape[-1] > 0:
+                qb = own[index][ext.parent[idx]]
+                pick = pick - torch.einsum("kl,kwl->kw", torch.einsum("kw,kwl->kl", pick, qb), qb)
+                new_own[index] = torch.cat([qb, _unit(pick).unsqueeze(-1)], dim=-1)
             else:
-                new_own[s] = _unit(chosen).unsqueeze(-1)
+                new_own[index] = _unit(pick).unsqueeze(-1)
         own = new_own
-        prefixes = [[*prefixes[i // n], int(toks[i % n])] for i in keep]
-        worst = torch.tensor([float(score.flatten()[i]) for i in keep])
+        prefixes = [[*prefixes[int(ext.parent[i])], int(toks[int(ext.token[i])])] for i in chosen]
+        worst = score[idx].clone()
     else:
-        for p, pre in enumerate(prefixes):
-            finished.append(OrderedSequence(tuple(pre), float(worst[p]), False))
+        for p, pre in enumerate(prefixes):  # reached the length bound: ended by truncation
+            finished.append(OrderedSequence(tuple(pre), float(worst[p]), exact))
     return finished
 
 

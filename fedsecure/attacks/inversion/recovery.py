@@ -30,7 +30,7 @@ import torch
 
 from fedsecure.attacks.inversion._model import decoder_parts
 
-NOISE_MARGIN = 4.0
+NOISE_MARGIN = 2.0
 """Signal directions must exceed the noise's spectral norm by this factor."""
 
 COMPUTE_FLOOR = 1e-3
@@ -339,28 +339,38 @@ def b_route_check(
 
     ``dL/dB = s sum_t g_t (A x_t)^T``: the rows of a module's B-update lie in
     ``span{A x_t}`` inside ``R^r``. While the sequence has fewer distinct tokens than
-    ``r`` that span is a strict subspace and a token belongs iff ``A x_v`` lies in it for
-    every module. At or beyond ``r`` tokens the span is all of ``R^r`` and nothing can be
-    told apart: the result is then empty and not certified.
+    ``r`` that span is a strict subspace and a token belongs iff ``A x_v`` lies in the span
+    of some module (each module sees a subset of the positions: q_proj none at position 0).
+    A module whose span is all of ``R^r`` tells nothing apart; when every module's is, the
+    result is empty and not certified.
     """
     spaces = [row_space(b.double(), rank_tol=rank_tol) for b in b_rows]
-    if not spaces or any(sp.rank == 0 for sp in spaces):
+    if not spaces or all(sp.rank == 0 for sp in spaces):
         return TokenSetRecovery((), "b-span", 0, 0, False, 1.0, math.nan, note="B-update is zero")
     r = int(a_globals[0].shape[0])
-    k = max(sp.rank for sp in spaces)
-    if k >= r:
+    usable = [(sp, a) for sp, a in zip(spaces, a_globals, strict=True) if 0 < sp.rank < r]
+    k_max = max(sp.rank for sp in spaces)
+    if not usable:
         return TokenSetRecovery(
-            (), "b-span", k, r, False, 1.0, math.nan,
+            (), "b-span", k_max, r, False, 1.0, math.nan,
             note=f"B-update rows span all of R^{r}: the sequence has >= r distinct tokens, nothing identifiable",
         )
-    res = torch.zeros(atoms.vectors.shape[0], dtype=torch.float32)
-    for sp, a in zip(spaces, a_globals, strict=True):
+    # A token belongs iff A x_v lies in the B-span of *some* module: a module does not see
+    # every position (q_proj at position 0 gets no gradient: a lone query's softmax is 1),
+    # so the set is the union of the per-module spans.
+    res = torch.full((atoms.vectors.shape[0],), math.inf, dtype=torch.float32)
+    for sp, a in usable:
         u = sp.basis.float()
         x = atoms.vectors @ a.float().T  # V x r
         x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
-        res = torch.maximum(res, (x - (x @ u) @ u.T).norm(dim=1))
+        res = torch.minimum(res, (x - (x @ u) @ u.T).norm(dim=1))
     res[~atoms.valid] = math.inf
     order = torch.argsort(res)
+    lo = max(sp.rank for sp, _ in usable)
+    hi = min(sum(sp.rank for sp, _ in usable), res.numel() - 1)
+    sorted_res = res[order[: hi + 1]].double().clamp_min(1e-12)
+    ratios = sorted_res[lo : hi + 1] / sorted_res[lo - 1 : hi]
+    k = lo + int(torch.argmax(ratios))  # the number of tokens: where the residuals jump
     ids = tuple(int(i) for i in order[:k])
     worst_in = float(res[order[k - 1]])
     margin = float(res[order[k]])
