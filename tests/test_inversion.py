@@ -157,6 +157,22 @@ def test_sparse_recovery_goes_beyond_the_span_bound(tiny):
     assert not rec.order_exact and not rec.in_regime
 
 
+def test_exact_recovery_at_the_span_bound(tiny):
+    """Positions with a gradient == distinct tokens == stacked rows (2 x r): the spans are saturated
+    (rank == rows) yet still exactly the inputs' spans, so the span check and the checked order hold."""
+    pm, tok = make_peft(tiny, 8)  # q, v at every layer: 16 rows per site
+    glob = later_adapter(pm)
+    rows = plain_rows(tok, 17, ("Sharon Griffiths takes amlodipine 5 mg once daily for essential hypertension",))
+    assert len(rows[0]) == 17 and len(set(rows[0][:-1])) == 16
+    delta = client_update(pm, tok, glob, rows)
+    rec = attack(pm, tok, delta, glob, rows, optimizer="sgd", lr=0.1)
+    assert rec.token_set.rank == rec.token_set.rows == 16  # saturated
+    assert rec.token_set.method == "span" and rec.token_set.certified
+    assert set(rec.token_set.token_ids) == set(rows[0][:-1])
+    assert rec.order_exact and rec.in_regime and rec.certified
+    assert rec.sequences == [tuple(rows[0])]
+
+
 def test_round_one_with_b_zero_declares_itself_outside_its_regime(tiny):
     pm, tok = make_peft(tiny, 16)
     glob = get_adapter_state(pm)  # peft's init: B = 0

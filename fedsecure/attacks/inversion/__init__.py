@@ -16,12 +16,16 @@ gradients; LAMP/TAG -- continuous optimisation, kept only as :mod:`.baseline`)
 1. *Token set* (:mod:`.recovery`). RoPE is applied after the q/k/v projections, so the
    first block's q/k/v inputs are ``RMSNorm(E[token])``; the rows of their LoRA-A
    gradients ``s B^T sum_t g_t x_t^T`` lie in ``span{x_t}``. Span check over the whole
-   vocabulary while the distinct tokens are fewer than the stacked rows
-   (``modules x r``), rank-aware sparse recovery (RA-ORMP) beyond.
+   vocabulary while the distinct tokens are at most the stacked rows (``modules x r``; at
+   the bound it is accepted only with a clear gap), rank-aware sparse recovery (RA-ORMP)
+   beyond.
 2. *Order* (:mod:`.ordering`). A beam search over prefixes; each extension's input at the
    ordering sites (first block o/MLP/down inputs, second block q/k/v input) must lie in
-   that site's A-update span and add a new direction. The last token has no gradient of
-   its own and is chosen by gradient agreement among the model's top predictions.
+   that site's A-update span and add a new direction; a position whose gradient sits below
+   the noise may be bridged when the next ones pass again (reported as unchecked). The last
+   token has no gradient of its own and is chosen by gradient agreement among the model's
+   top predictions, widened to a whole-vocabulary Gauss-Newton shortlist when they do not
+   explain the update.
 3. *Certificate* (:mod:`.invert`). The answer is certified when the inputs it implies
    explain every stacked row to within the update's noise level.
 
@@ -36,11 +40,12 @@ When it is exact (each condition is checked at run time; a result outside them s
   undone from the known lr); Adam/AdamW normalise every coordinate, so their updates are
   not -- except one local step from a malicious "quiet" adapter, whose gradients are far
   below Adam's ``eps`` (the step is ``-lr g / eps``);
-- token set: distinct tokens < ``q/k/v modules x r`` for the span check (exact), beyond
+- token set: distinct tokens <= ``q/k/v modules x r`` for the span check (exact), beyond
   that sparse recovery, certified when the chosen tokens explain the rows;
 - order: positions over the whole update (batch x local steps x clients, last tokens
   excluded) <= stacked rows of each ordering site (``modules x r``); beyond it the order
-  is ranked, not checked;
+  is ranked, not checked; positions whose gradient is below the noise end or are bridged
+  (not checked);
 - several local steps: the token set stays exact for SGD (first-block inputs do not
   depend on the weights); the ordering inputs move with the client's adapter, so the
   ordering check is approximate (exact again with the quiet craft, which keeps the model

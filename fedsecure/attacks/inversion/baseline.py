@@ -6,7 +6,9 @@ sequence is a matrix of token logits ``Z`` (batch x length x vocab): inputs are 
 softmax-weighted embeddings, targets the same soft distributions shifted by one, and Adam
 minimises ``1 - cos(grad(Z), -delta)`` over the LoRA parameters (LAMP's cosine loss).
 The reconstruction is ``argmax Z``. On LoRA updates it recovers almost nothing; it is here
-so the benchmark can show that side by side.
+so the benchmark can show that side by side. Gradient matching differentiates through the
+gradient (double backward), which PyTorch's fused CPU attention kernels do not implement:
+attention runs on the math SDPA kernel here.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fedsecure.attacks.inversion._model import decoder_parts
 from fedsecure.models.lora import get_adapter_state, set_adapter_state
@@ -65,18 +68,19 @@ def optimisation_baseline(
     try:
         set_adapter_state(model, global_state)
         model.eval()
-        for _ in range(steps):
-            opt.zero_grad()
-            probs = torch.softmax(z, dim=-1)
-            inputs = probs @ emb
-            out = model(inputs_embeds=inputs)
-            logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)
-            loss = -(probs[:, 1:] * logp).sum(-1).mean()
-            grads = torch.autograd.grad(loss, params, create_graph=True)
-            g = torch.cat([x.reshape(-1) for x in grads])
-            match = 1.0 - torch.nn.functional.cosine_similarity(g, target, dim=0)
-            match.backward()
-            opt.step()
+        with sdpa_kernel(SDPBackend.MATH):
+            for _ in range(steps):
+                opt.zero_grad()
+                probs = torch.softmax(z, dim=-1)
+                inputs = probs @ emb
+                out = model(inputs_embeds=inputs)
+                logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)
+                loss = -(probs[:, 1:] * logp).sum(-1).mean()
+                grads = torch.autograd.grad(loss, params, create_graph=True)
+                g = torch.cat([x.reshape(-1) for x in grads])
+                match = 1.0 - torch.nn.functional.cosine_similarity(g, target, dim=0)
+                match.backward()
+                opt.step()
         return [tuple(int(t) for t in row) for row in z.detach().argmax(-1)]
     finally:
         set_adapter_state(model, saved)

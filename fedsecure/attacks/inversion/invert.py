@@ -113,6 +113,9 @@ class InversionSettings:
     max_tokens: longest sequence searched (the training max_length when known).
     last_token_top_k: model predictions tried as the last token (plus the recovered set).
     last_layers: decoder layers whose LoRA update decides the last token.
+    max_bridge: most consecutive positions the exact ordering search may pass over when they fail
+        the check (gradients below the noise); a bridge is kept only if a later position passes,
+        and a bridged order is reported as not checked.
     """
 
     rank_tol: float = 1e-6
@@ -126,6 +129,7 @@ class InversionSettings:
     max_tokens: int = 128
     last_token_top_k: int = 8
     last_layers: int = 2
+    max_bridge: int = 2
 
     def __post_init__(self) -> None:
         if self.token_method not in ("auto", "span", "sparse"):
@@ -136,6 +140,8 @@ class InversionSettings:
                 raise ValueError(f"{name} must be in (0, 1), got {v!r}")
         if not self.order_threshold > 0:
             raise ValueError(f"order_threshold must be > 0, got {self.order_threshold!r}")
+        if not isinstance(self.max_bridge, int) or self.max_bridge < 0:
+            raise ValueError(f"max_bridge must be a non-negative integer, got {self.max_bridge!r}")
         for name in ("beam_width", "order_depth", "max_tokens", "last_token_top_k", "last_layers"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -378,11 +384,14 @@ def invert_update(
             frac0 = noise_fraction(rows0, floor0)
             space0 = row_space(rows0, rank_tol=settings.rank_tol, floor=floor0)
             method = settings.token_method
-            if method == "auto":
-                method = "sparse" if space0.saturated else "span"
-            if method == "span":
+            tokset = None
+            if method in ("auto", "span"):
                 tokset = span_check(rows0, atoms, space0, min_gap=settings.span_gap, noise=frac0, whitened=True)
-            else:
+                if method == "auto" and space0.saturated and not tokset.certified:
+                    # at the bound (rank == rows) the span check is exact only when the tokens are
+                    # exactly as many as the rows; otherwise no clear gap appears: sparse recovery
+                    tokset = None
+            if tokset is None:
                 tokset = sparse_recovery(
                     rows0, atoms, rank_tol=settings.rank_tol, max_support=budget, floor=floor0, noise=frac0
                 )
@@ -390,7 +399,13 @@ def invert_update(
                 reasons.append(
                     f"the update is noisy: noise carries {frac0:.0%} of the first block's A-update norm"
                 )
-            if space0.saturated:
+            if space0.saturated and tokset.method == "span":
+                notes.append(
+                    f"token count at the span bound ({space0.rows} rows saturated): the span check found "
+                    f"exactly {len(tokset.token_ids)} tokens in the row space"
+                    f"{' (certified)' if tokset.certified else ''}"
+                )
+            elif space0.saturated:
                 notes.append(
                     f"token count beyond the span bound ({space0.rows} rows saturated): sparse recovery "
                     f"{'certified' if tokset.certified else 'not certified'} (residual {tokset.residual:.1e})"
@@ -420,13 +435,22 @@ def invert_update(
                 num_layers=n_layers,
             )
             limit = layout.rank if route == "B" else None
-            exact_checks = [c for c in checks if not _saturated(c, limit)]
+            # A saturated A-route site (rank == rows < width) still tells inputs apart: its span is the
+            # span of the positions' inputs when they are exactly as many as the rows, and generically
+            # contains none of them when they are more. So it joins the exact search first (a covering
+            # answer is then checked at every site); the unsaturated sites alone come next.
+            usable = [c for c in checks if _discriminates(c, limit)]
+            unsaturated = [c for c in usable if not _saturated(c, limit)]
+            attempts = [a for a in (usable, unsaturated) if a]
+            if len(attempts) == 2 and len(attempts[1]) == len(attempts[0]):
+                attempts.pop()
             if not checks:
                 reasons.append("no LoRA on the sites after the first attention: the order is unobservable")
             block = PrefixStack(model, depth=settings.order_depth)
             block.self_check(list(tokset.token_ids[:8]))
             max_len = min(settings.max_tokens, facts.max_length or settings.max_tokens) - 1
             width = max(settings.beam_width, 2 * (expected_sequences or 1))
+
             def search(use: Sequence[SiteCheck], *, exact: bool) -> list[OrderedSequence]:
                 return beam_order(
                     block,
@@ -437,43 +461,54 @@ def invert_update(
                     threshold=settings.order_threshold,
                     novelty_tol=settings.novelty_tol,
                     exact=exact,
+                    max_bridge=settings.max_bridge if exact else 0,
                 )
 
-            if exact_checks:
-                order_exact = len(exact_checks) == len(checks)
-                found = search(exact_checks, exact=True)
-                covered = {t for f in found if f.complete for t in f.token_ids}
-                if not set(tokset.token_ids) <= covered:
-                    # some positions are not resolved by the ordering spans: several local steps moved
-                    # the inputs (the client's adapter changed), or positions that reach the loss only
-                    # weakly (a prompt before the supervised response) sit below the noise. Rank instead.
-                    order_exact = False
-                    why = (
-                        f"{facts.local_steps} local steps moved the ordering inputs out of the span"
-                        if facts.local_steps > 1
-                        else "some positions' ordering inputs are not resolved above the noise"
-                    )
-                    reasons.append(
-                        f"{why} (no checked sequence covers the token set): the order is ranked by span "
-                        "residual (best effort), not checked"
-                    )
-                    found = search(checks, exact=False)
-            elif checks:
-                reasons.append(
-                    "more positions than stacked rows at every ordering site: the order is ranked by span "
-                    "residual (best effort), not checked"
-                )
-                found = search(checks, exact=False)
+            found: list[OrderedSequence] = []
+            prefixes: list[tuple[int, ...]] = []
+            for use in attempts:
+                found = search(use, exact=True)
+                covered = {t for f in found if f.complete and not f.bridged for t in f.token_ids}
+                if set(tokset.token_ids) <= covered:
+                    order_exact = len(use) == len(checks)
+                    prefixes = _pick(found, expected_sequences)
+                    break
             else:
-                found = []
-            complete = [f for f in found if f.complete and f.token_ids] or [f for f in found if f.token_ids]
-            uniq: dict[tuple[int, ...], float] = {}
-            for f in sorted(complete, key=lambda f: f.residual):
-                uniq.setdefault(f.token_ids, f.residual)
-            prefixes = list(uniq)
-            if expected_sequences is not None:
-                prefixes = prefixes[:expected_sequences]
-            if exact_checks and not prefixes:
+                partial = _pick(found, expected_sequences)
+                if not unsaturated and checks:
+                    why = "more positions than stacked rows at every ordering site"
+                elif facts.local_steps > 1:
+                    why = f"{facts.local_steps} local steps moved the ordering inputs out of the span"
+                else:
+                    why = "some positions' ordering inputs are not resolved above the noise"
+                if attempts:
+                    why += " (no checked sequence covers the token set)"
+                ranked = _pick(search(checks, exact=False), expected_sequences) if checks else []
+                # below the bound, keep whichever answer explains the ordering sites' rows better: the
+                # checked prefixes (which stop where positions sit below the noise) or the ranked best
+                # effort; beyond it (every site saturated) nothing is checkable and the ranked order stays
+                rows_at = {c.label: stacked_rows(work, layout.at_site(*c.site), noise=noise) for c in checks}
+                if (
+                    partial
+                    and unsaturated
+                    and (
+                        not ranked
+                        or _ordering_residual(block, checks, rows_at, partial)
+                        <= _ordering_residual(block, checks, rows_at, ranked)
+                    )
+                ):
+                    prefixes = partial
+                    bridged = sum(f.bridged for f in found if f.token_ids in set(partial))
+                    reasons.append(
+                        f"{why}: the checked prefixes are kept (they explain the ordering rows better than "
+                        "a ranked order)"
+                        + (f", {bridged} position(s) below the noise bridged unchecked" if bridged else "")
+                        + "; positions after them are not recovered"
+                    )
+                else:
+                    prefixes = ranked or partial
+                    reasons.append(f"{why}: the order is ranked by span residual (best effort), not checked")
+            if attempts and not prefixes:
                 order_exact = False
                 reasons.append("no sequence passed the span check at every position")
             seconds["ordering"] = time.perf_counter() - t0
@@ -488,6 +523,9 @@ def invert_update(
                     candidates=list(tokset.token_ids)[:64],
                     top_k=settings.last_token_top_k,
                     last_layers=settings.last_layers,
+                    # the whole-vocabulary shortlist (d backward passes per sequence) only where the
+                    # prefixes are checked: otherwise no candidate's gradient can match the update
+                    exact_shortlist=16 if order_exact else 0,
                 )
                 eot, tail = template_tail(tokenizer)
                 for pre, tok in zip(prefixes, last, strict=True):
@@ -543,6 +581,52 @@ def _saturated(check: SiteCheck, limit: int | None) -> bool:
     if limit is not None:
         return check.space.rank >= limit
     return check.space.saturated
+
+
+def _discriminates(check: SiteCheck, limit: int | None) -> bool:
+    """Whether a site's span can reject inputs: not the whole space it lives in.
+
+    B-route spans live in ``R^r``: saturated, they are all of it. A-route spans saturated at
+    ``rows < width`` are a strict subspace that still rejects every input not in it.
+    """
+    if limit is not None:
+        return check.space.rank < limit
+    return 0 < check.space.rank < check.space.width
+
+
+def _pick(found: Sequence[OrderedSequence], expected: int | None) -> list[tuple[int, ...]]:
+    """The best distinct sequences of a search (complete ones first, by residual).
+
+    Fully checked sequences come before bridged ones (a position below the noise passed over).
+    A sequence that is a strict prefix of another kept one is dropped: it is the same sequence
+    cut short (its extensions left the beam, or a bridge continued it).
+    """
+    complete = [f for f in found if f.complete and f.token_ids] or [f for f in found if f.token_ids]
+    uniq: dict[tuple[int, ...], float] = {}
+    for f in sorted(complete, key=lambda f: (f.bridged > 0, f.residual, -len(f.token_ids))):
+        uniq.setdefault(f.token_ids, f.residual)
+    longest_first = sorted(uniq, key=len, reverse=True)
+    kept = [
+        seq for seq in uniq if not any(len(o) > len(seq) and o[: len(seq)] == seq for o in longest_first)
+    ]
+    return kept[:expected] if expected is not None else kept
+
+
+def _ordering_residual(
+    block: PrefixStack,
+    checks: Sequence[SiteCheck],
+    rows_at: Mapping[str, torch.Tensor],
+    prefixes: Sequence[Sequence[int]],
+) -> float:
+    """Mean over the ordering sites of the rows' relative residual outside the prefixes' inputs."""
+    per_site = [block.sites_for_sequence(list(p)) for p in prefixes]
+    out = []
+    for c in checks:
+        if c.projector is not None:
+            continue
+        vecs = torch.cat([s[c.site] for s in per_site]).double()
+        out.append(explained_residual(rows_at[c.label], vecs))
+    return sum(out) / len(out) if out else math.inf
 
 
 def _all_labels(ids: Sequence[int]) -> list[int]:

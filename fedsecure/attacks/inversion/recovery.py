@@ -9,9 +9,11 @@ q/k/v A-gradients (``m = modules x r`` rows) gives a matrix ``Y = C X`` whose ro
 lies inside ``span{x_t}`` (DAGER, Petrov et al., NeurIPS 2024, for full gradients; here
 for the LoRA factor A).
 
-- **Span check** (exact while the number of distinct tokens ``n < m``): the row space of
+- **Span check** (exact while the number of distinct tokens ``n <= m``): the row space of
   ``Y`` *is* ``span{x_t}``; a vocabulary token belongs to the sequence iff its input
-  vector lies in that space (true residuals ~1e-6, false ones >= 0.2 on SmolLM2).
+  vector lies in that space (true residuals ~1e-6, false ones >= 0.2 on SmolLM2). At
+  ``n = m`` the rows are saturated (rank = rows) but the span is still exact; with
+  ``n > m`` it contains no token and the check finds no gap.
 - **Sparse recovery** (beyond the bound, ``n >= m``): each row of ``Y`` is an ``n``-sparse
   combination of the ``V`` vocabulary input vectors with a *shared* support; rank-aware
   order-recursive matching pursuit (RA-ORMP, Davies & Eldar 2012) recovers the support
@@ -204,7 +206,11 @@ def span_check(
 
     In the exact regime (``rank < rows``) the row space is the span of the sequence's token
     vectors, so exactly ``rank`` tokens have a residual at the noise level and every other
-    token a residual far larger. Residuals are divided by what a true token would leave
+    token a residual far larger. At the bound (``rank == rows``) the row space is still the
+    span of the tokens when there are exactly ``rows`` of them; with more, it is a strict
+    subspace of their span that generically contains none of them, no clear gap appears and
+    the chosen tokens do not explain the rows -- so the same certificate decides. Residuals
+    are divided by what a true token would leave
     (:func:`expected_residual`), the ``rank`` smallest are taken, and the result is
     certified when the smallest rejected score is at least ``min_gap`` times the largest
     accepted one (and above 3), and the chosen tokens explain the rows (to within
@@ -227,7 +233,7 @@ def span_check(
     margin = float(res[order[k]]) if k < res.numel() else math.inf
     gap = margin / max(worst_in, 1e-12)
     residual = explained_residual(rows, vec[list(ids)]) if ids else 1.0
-    ok = k > 0 and not space.saturated and gap >= min_gap and margin > 3.0
+    ok = k > 0 and k < space.width and gap >= min_gap and margin > 3.0
     return TokenSetRecovery(
         token_ids=ids,
         method="span",
