@@ -15,7 +15,9 @@ at sequence length 128 and batch 8:
   (3 steps); ``memory_ratio`` = DP peak RSS / non-DP peak RSS (whole process: what must
   fit in RAM), ``step_memory_ratio`` = the same for the increase above the post-set-up RSS.
 
-Run: ``.venv/bin/python benchmarks/dp_overhead.py [--quick]`` (--quick: tiny only).
+Run: ``.venv/bin/python benchmarks/dp_overhead.py [--quick] [--threads N]`` (--quick: tiny only;
+``--threads 1`` on a busy host: the CPU time of several OpenMP threads includes their spin-waits
+while other jobs hold the cores, one thread's does not).
 Writes ``benchmarks/results/dp_overhead.json`` (a list of rows).
 """
 
@@ -215,7 +217,7 @@ def memory_child(name: str, targets_key: str, which: str) -> dict[str, Any]:
 def memory_config(name: str, targets_key: str) -> dict[str, Any]:
     out = {}
     for which in ("nodp", "dp"):
-        cmd = [sys.executable, __file__, "--child", name, targets_key, which]
+        cmd = [sys.executable, __file__, "--threads", str(torch.get_num_threads()), "--child", name, targets_key, which]
         res = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
         if res.returncode != 0:
             raise RuntimeError(f"memory child failed: {res.stderr[-2000:]}")
@@ -238,8 +240,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     p.add_argument("--per-round", type=int, default=2, help="steps per variant per round")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dp_overhead.json"))
+    p.add_argument(
+        "--threads", type=int, default=0,
+        help="torch intra-op threads (0: torch's default). 1 makes CPU time immune to OpenMP spin-waits "
+        "when other jobs share the cores",
+    )
     p.add_argument("--child", nargs=3, metavar=("MODEL", "TARGETS", "WHICH"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(memory_child(*args.child)))
         return 0

@@ -7,7 +7,7 @@ scenario on the released adapter and on the server's per-client view -- and writ
 a ``"defense"`` label ("none", "dp-sgd eps=8", "dp-sgd eps=1"), plus a compact ``"table"``
 (attack -> AUC, TPR@1%FPR, empirical epsilon lower bound) per run for reading at a glance.
 
-Run: ``.venv/bin/python benchmarks/membership.py [--quick]``
+Run: ``.venv/bin/python benchmarks/membership.py [--quick] [--only none "dp-sgd eps=8" "dp-sgd eps=1"]``
 (--quick: the tiny model, 1 round, fewer candidates -- a smoke run, not a measurement).
 """
 
@@ -73,7 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny model smoke run")
     p.add_argument("--out", default=str(OUT))
+    p.add_argument(
+        "--only", nargs="+", choices=[label for label, _ in DEFENSES], metavar="DEFENSE",
+        help="run only these defense settings (labels: %(choices)s); the runs of other labels already in --out are "
+        "kept, so the three runs can be measured in separate sessions",
+    )
     args = p.parse_args(argv)
+    out = Path(args.out)
 
     base_tree = load_tree(SCENARIO)
     base_tree.pop("grid", None)
@@ -85,8 +91,13 @@ def main(argv: list[str] | None = None) -> int:
             if a["name"] == "rmia":
                 a["reference_steps"] = 2
                 a["num_reference_adapters"] = 2
-    runs = []
+    order = [label for label, _ in DEFENSES]
+    runs: list[dict[str, Any]] = []
+    if args.only and out.exists():
+        runs = [r for r in json.loads(out.read_text()) if r.get("defense") not in args.only]
     for label, defenses in DEFENSES:
+        if args.only and label not in args.only:
+            continue
         tree = copy.deepcopy(base_tree)
         tree["defenses"] = copy.deepcopy(defenses)
         tree["name"] = f"{tree['name']}[{label}]"
@@ -97,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         results["wall_s"] = time.perf_counter() - t0
         results["table"] = _table(results)
         runs.append(results)
-        print(f"== {label} ({results['wall_s']:.0f} s)")
+        runs.sort(key=lambda r: order.index(r["defense"]) if r.get("defense") in order else len(order))
+        _write(out, runs)  # after every run: a long measurement interrupted later keeps what it finished
+        print(f"== {label} ({results['wall_s']:.0f} s)", flush=True)
         for name, row in results["table"].items():
             if not row["applicable"]:
                 print(f"  {name:>18}: not applicable ({row['reason']})")
@@ -106,12 +119,19 @@ def main(argv: list[str] | None = None) -> int:
             eps_s = "" if eps is None else f"  eps_lb {eps:.2f} (claimed {row['epsilon']:.2f})"
             blind = row["blind_baseline_auc"]
             blind_s = "n/a" if blind is None else f"{blind:.3f}"
-            print(f"  {name:>18}: AUC {row['auc']:.3f}  TPR@1%FPR {row['tpr_at_1pct_fpr']:.3f}  blind {blind_s}{eps_s}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(runs, indent=2, default=_default, allow_nan=True) + "\n")
+            print(
+                f"  {name:>18}: AUC {row['auc']:.3f}  TPR@1%FPR {row['tpr_at_1pct_fpr']:.3f}  blind {blind_s}{eps_s}",
+                flush=True,
+            )
     print(f"wrote {out}")
     return 0
+
+
+def _write(out: Path, runs: list[dict[str, Any]]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(runs, indent=2, default=_default, allow_nan=True) + "\n")
+    tmp.replace(out)
 
 
 def _default(obj: Any) -> Any:

@@ -24,8 +24,8 @@ What breaks Opacus on Hugging Face models, and what is done here:
   else :class:`DPIntegrityError`; the optimizer must own exactly the trainable parameters;
 - per-sample-gradient mode: ``"auto"`` checks ExpandedWeights (``ew``) and Opacus ``hooks``
   against per-example backward passes on a 3-row probe (relative error < 1e-3), times the
-  correct ones on a batch of the training shape (process CPU time, so other processes on
-  the machine do not bias it) and keeps the fastest; ``functorch`` is the fallback when
+  correct ones on a batch of the training shape (single-threaded CPU time, so other
+  processes on the machine do not bias it) and keeps the fastest; ``functorch`` is the fallback when
   neither is correct. ``ghost`` clipping is not offered: measured 1.5-2x slower on LoRA
   here, and its double-backward criterion does not fit a per-sequence loss;
 - ``secure_mode``: Opacus needs torchcsprng (not installable here); we draw the noise and
@@ -517,15 +517,31 @@ def _probe(
             p.grad = None
 
 
+@contextlib.contextmanager
+def _single_thread() -> Iterator[None]:
+    """Run torch's intra-op work on the calling thread alone.
+
+    CPU time summed over several OpenMP threads is inflated by their spin-waits whenever other
+    processes compete for the cores, by an amount that depends on the moment, not the mode;
+    one thread's CPU time measures the work itself.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def _time_mode(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], loss_fn: LossFn, mode: str) -> float:
-    """CPU seconds (this process, all threads) of one forward+backward with per-sample gradients."""
+    """CPU seconds of one single-threaded forward+backward with per-sample gradients."""
     params = [p for p in model.parameters() if p.requires_grad]
     attached = _attach(model, mode)
     try:
-        with _deterministic_forward(model, 0):
-            t0 = time.process_time()
+        with _deterministic_forward(model, 0), _single_thread():
+            t0 = time.thread_time()
             _backward(loss_fn(attached.caller, batch).mean())
-            return time.process_time() - t0
+            return time.thread_time() - t0
     finally:
         attached.detach(model)
         for p in params:
@@ -552,8 +568,9 @@ def choose_grad_sample_mode(
     """Verify the per-sample-gradient modes and pick the fastest correct one.
 
     Every candidate (``ew``, ``hooks``) is checked against per-example backward passes on
-    ``probe_batch``; the correct ones are timed (CPU time of this process, robust to other
-    processes on a shared machine; two interleaved rounds, the minimum) on ``timing_batch``
+    ``probe_batch``; the correct ones are timed (CPU time of one thread running torch
+    single-threaded, robust to other processes on a shared machine; two interleaved rounds,
+    the minimum) on ``timing_batch``
     (a batch of the training shape) and the fastest is kept. ``functorch`` (vmap per layer,
     the slowest) is the fallback when neither is correct. A requested mode other than
     ``"auto"`` is still verified; if it is wrong for this model a :class:`DPConfigError`
@@ -597,7 +614,10 @@ def choose_grad_sample_mode(
             measured = ", ".join(f"{m} {t:.3f} s" for m, t in timings.items())
             reason = f"{best}: per-sample gradients match per-example backward on a {len(ref)}-row probe"
             if timings:
-                reason += f"; fastest of the correct modes (CPU s per {rows}-row forward+backward: {measured})"
+                reason += (
+                    f"; fastest of the correct modes (single-thread CPU s per {rows}-row forward+backward: "
+                    f"{measured})"
+                )
             if failures:
                 reason += "; rejected " + "; ".join(f"{m}: {r}" for m, r in failures.items())
             return ModeChoice(best, reason, timings)
