@@ -19,7 +19,14 @@ def _default_out(name: str) -> Path:
 def _cmd_run(args: argparse.Namespace) -> int:
     from fedsecure.config import expand_grid, load_config
     from fedsecure.experiment import Experiment, run_grid
-    from fedsecure.report.summary import attack_rows, grid_table, headline, text_table
+    from fedsecure.report.summary import (
+        RECONSTRUCTION_HEADERS,
+        attack_rows,
+        grid_table,
+        headline,
+        reconstruction_rows,
+        text_table,
+    )
 
     cfg = load_config(args.scenario, overrides=args.set or [])
     if args.engine == "flower":
@@ -48,6 +55,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print()
         print(text_table(["attack", "applicable", "AUC", "AUC 95% CI", "TPR@1%FPR", "eps LB", "reason"],
                          attack_rows(res)))
+        recon = reconstruction_rows(res)
+        if recon:
+            print()
+            print(text_table(RECONSTRUCTION_HEADERS, recon))
     print(f"\nresults: {out / 'results.json'}  summary: {out / 'summary.md'}")
     return 0
 

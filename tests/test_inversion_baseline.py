@@ -34,3 +34,21 @@ def test_optimisation_baseline_runs_and_restores_the_adapter():
     assert all(torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(ValueError, match="length >= 2"):
         optimisation_baseline(pm, delta=delta, global_state=glob, length=1)
+
+
+def test_reconstruction_table_in_the_summary():
+    from fedsecure.experiment import Results
+    from fedsecure.report.summary import reconstruction_rows, render_summary
+
+    inv = {
+        "name": "inversion", "threat_model": "server", "applicable": True, "reason": "",
+        "metrics": {"rouge1": 0.5, "rougeL": 0.25, "token_recall": 0.75, "pii_recovery": 0.5, "exact_match": 0.0,
+                    "in_regime": False, "view": "client"},
+        "details": {"attacks": [{"reasons": ["order ranked, not checked"]}]},
+    }
+    mia = {"name": "loss", "threat_model": "released", "applicable": True, "reason": "", "metrics": {"auc": 0.7}}
+    res = Results(name="x", config_hash="h", config={}, utility={}, privacy={}, attacks=[inv, mia], cost={},
+                  federation={}, versions={})
+    rows = reconstruction_rows(res)
+    assert rows == [["inversion", "client", 0.5, 0.25, 0.75, 0.5, 0.0, "no", "order ranked, not checked"]]
+    assert "| inversion | client | 0.5 | 0.25 |" in render_summary(res)

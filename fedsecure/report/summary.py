@@ -82,6 +82,29 @@ def attack_rows(results: Results) -> list[list[Any]]:
     return rows
 
 
+RECONSTRUCTION_HEADERS = ["attack", "view", "ROUGE-1", "ROUGE-L", "token recall", "PII recovered", "exact",
+                          "in regime", "why not"]
+
+
+def reconstruction_rows(results: Results) -> list[list[Any]]:
+    """Rows for attacks that reconstruct text (gradient inversion): what the server read back."""
+    rows = []
+    for a in results.attacks:
+        m = a.get("metrics", {})
+        if not a.get("applicable") or "rougeL" not in m:
+            continue
+        recs = (a.get("details") or {}).get("attacks") or []
+        reasons = [r for rec in recs for r in rec.get("reasons", [])]
+        rows.append([
+            a["name"],
+            m.get("view", "-"),
+            m.get("rouge1"), m.get("rougeL"), m.get("token_recall"), m.get("pii_recovery"), m.get("exact_match"),
+            "yes" if m.get("in_regime") else "no",
+            reasons[0][:80] if reasons and not m.get("in_regime") else "",
+        ])
+    return rows
+
+
 def render_summary(results: Results) -> str:
     u, c = results.utility, results.cost
     lines = [f"# fedsecure run: {results.name}", ""]
@@ -110,6 +133,10 @@ def render_summary(results: Results) -> str:
         lines.append(markdown_table(
             ["attack", "applicable", "AUC", "AUC 95% CI", "TPR@1%FPR", "ε lower bound", "reason"],
             attack_rows(results)))
+        recon = reconstruction_rows(results)
+        if recon:
+            lines += ["", "Text reconstruction (gradient inversion; details in results.json):", ""]
+            lines.append(markdown_table(RECONSTRUCTION_HEADERS, recon))
     lines += ["", "## Cost", ""]
     lines.append(markdown_table(
         ["wall s", "federation s", "mean round s", "overhead", "up B/client/round", "down B/client/round",
