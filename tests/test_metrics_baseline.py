@@ -164,3 +164,22 @@ def test_scores_are_deterministic_and_validated():
         blind_baseline_scores(members=["a"] * 3, nonmembers=["b"] * 10, num_folds=5)
     with pytest.raises(MetricInputError, match="inverse_regularization"):
         L2LogisticRegression(inverse_regularization=0.0)
+
+
+def test_repeated_texts_do_not_leak_across_folds():
+    """Copies of one text stay in one fold: same-distribution texts drawn 3 times each stay near chance.
+
+    Before folds were grouped by text this gave AUC 1.0 (each test text had its copies, with their
+    label, in the training folds) -- the client-level attack's candidates repeat across rounds.
+    """
+    rng = np.random.default_rng(11)
+    members, nonmembers = _texts(40, WORDS, rng), _texts(40, WORDS, rng)
+    once = blind_baseline(members=members, nonmembers=nonmembers, seed=0, num_bootstrap=50)["auc"]
+    thrice = blind_baseline(members=members * 3, nonmembers=nonmembers * 3, seed=0, num_bootstrap=50)["auc"]
+    assert thrice < 0.75, thrice
+    assert abs(thrice - once) < 0.15
+    sm, sn = blind_baseline_scores(members=members * 2, nonmembers=nonmembers, seed=0)
+    np.testing.assert_allclose(sm[:40], sm[40:])  # both copies scored by the model that saw neither
+    assert sn.shape == (40,)
+    with pytest.raises(MetricInputError, match="distinct"):
+        blind_baseline_scores(members=["a", "b"] * 5, nonmembers=list("abcdefgh"), num_folds=5)

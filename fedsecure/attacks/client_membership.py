@@ -425,7 +425,7 @@ class ClientMembershipAttack(Attack):
 def _blind_auc(members: list[str], nonmembers: list[str], *, seed: int) -> float | None:
     from fedsecure.metrics import auc, blind_baseline_scores
 
-    n = min(len(members), len(nonmembers))
+    n = min(len(set(members)), len(set(nonmembers)))  # candidates repeat across rounds and clients
     if n < 2:
         return None
     sm, sn = blind_baseline_scores(members=members, nonmembers=nonmembers, num_folds=min(5, n), seed=seed)

@@ -123,15 +123,17 @@ def blind_baseline_auc(target: AttackTarget, *, seed: int = 0) -> float | None:
     """
     from fedsecure.metrics import auc, blind_baseline_scores
 
-    n = min(len(target.members), len(target.nonmembers))
+    members = [example_text(e) for e in target.members]
+    nonmembers = [example_text(e) for e in target.nonmembers]
+    n = min(len(set(members)), len(set(nonmembers)))
     if n < 2:
         return None
     key = (examples_digest(target.members), examples_digest(target.nonmembers), seed)
     cache = target.extra.setdefault(BLIND_BASELINE_KEY, {})
     if key not in cache:
         sm, sn = blind_baseline_scores(
-            members=[example_text(e) for e in target.members],
-            nonmembers=[example_text(e) for e in target.nonmembers],
+            members=members,
+            nonmembers=nonmembers,
             num_folds=min(5, n),
             seed=seed,
         )

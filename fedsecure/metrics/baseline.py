@@ -327,17 +327,27 @@ def blind_baseline_scores(
     non = _texts(nonmembers, name="nonmembers")
     num_folds = check_positive_int(num_folds, name="num_folds", minimum=2)
     for name, texts in (("members", mem), ("nonmembers", non)):
-        if len(texts) < num_folds:
+        distinct = len(set(texts))
+        if distinct < num_folds:
             raise MetricInputError(
-                f"{name}: has {len(texts)} texts but num_folds={num_folds} needs at least one per fold; "
-                "lower num_folds or add texts"
+                f"{name}: has {distinct} distinct texts ({len(texts)} in all) but num_folds={num_folds} needs at "
+                "least one per fold; lower num_folds or add texts"
             )
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise MetricInputError(f"seed: expected an integer, got {seed!r}")
     rng = np.random.default_rng(int(seed))
     texts = mem + non
     labels = np.concatenate([np.ones(len(mem), dtype=np.int64), np.zeros(len(non), dtype=np.int64)])
-    fold = np.concatenate([_folds(len(mem), num_folds, rng), _folds(len(non), num_folds, rng)])
+    # Folds are assigned per distinct text, so copies of one text (a record drawn in several rounds,
+    # or by several clients) are never split between a training and a test fold: a copy in the
+    # training fold would let the classifier recognise the text and inflate the AUC (to 1.0 for
+    # same-distribution texts drawn three times each). A text in both classes gets one fold.
+    fold_of: dict[str, int] = {}
+    for group in (mem, non):
+        fresh = list(dict.fromkeys(t for t in group if t not in fold_of))
+        for t, k in zip(fresh, _folds(len(fresh), num_folds, rng), strict=True):
+            fold_of[t] = int(k)
+    fold = np.array([fold_of[t] for t in texts], dtype=np.int64)
     scores = np.empty(len(texts))
     for k in range(num_folds):
         train = np.flatnonzero(fold != k)
