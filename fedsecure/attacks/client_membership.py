@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from fedsecure.attacks.base import Attack, AttackResult, RoundObservation
-from fedsecure.attacks.membership import DEFAULT_DELTA, example_text, membership_result
+from fedsecure.attacks.membership import DEFAULT_DELTA, blind_text_auc, example_text, membership_result
 from fedsecure.attacks.scoring import adapter_parameters, iter_adapter_gradients
 from fedsecure.data.tokenize import DEFAULT_SYSTEM
 from fedsecure.registry import ATTACKS
@@ -416,20 +416,10 @@ class ClientMembershipAttack(Attack):
             num_bootstrap=self.num_bootstrap,
             claimed_epsilon=self.claimed_epsilon,
             delta=self.delta,
-            blind_auc=_blind_auc(self._texts_members, self._texts_nonmembers, seed=self.seed),
+            blind_auc=blind_text_auc(self._texts_members, self._texts_nonmembers, seed=self.seed),
             extra_metrics={"rounds_attacked": list(self._rounds_attacked)},
             details={"per_client": list(self._per_client)},
         )
-
-
-def _blind_auc(members: list[str], nonmembers: list[str], *, seed: int) -> float | None:
-    from fedsecure.metrics import auc, blind_baseline_scores
-
-    n = min(len(set(members)), len(set(nonmembers)))  # candidates repeat across rounds and clients
-    if n < 2:
-        return None
-    sm, sn = blind_baseline_scores(members=members, nonmembers=nonmembers, num_folds=min(5, n), seed=seed)
-    return float(auc(scores_members=sm, scores_nonmembers=sn))
 
 
 def _auc(sm: np.ndarray, sn: np.ndarray) -> float:

@@ -77,6 +77,7 @@ __all__ = [
     "RmiaAttack",
     "ZlibAttack",
     "blind_baseline_auc",
+    "blind_text_auc",
     "example_text",
     "lira_offline_scores",
     "membership_result",
@@ -117,28 +118,31 @@ def example_text(example: Mapping[str, Any]) -> str:
 def blind_baseline_auc(target: AttackTarget, *, seed: int = 0) -> float | None:
     """AUC of the blind (text-only, model-free) classifier on the target's members/non-members.
 
-    Out-of-fold scores of a bag-of-n-grams logistic regression
-    (:func:`fedsecure.metrics.blind_baseline_scores`); ``None`` when there are fewer than two
-    examples per class. Cached in ``target.extra`` (the same for every attack of a run).
+    :func:`blind_text_auc` on the examples' texts. Cached in ``target.extra`` (the same for
+    every attack of a run).
     """
-    from fedsecure.metrics import auc, blind_baseline_scores
-
-    members = [example_text(e) for e in target.members]
-    nonmembers = [example_text(e) for e in target.nonmembers]
-    n = min(len(set(members)), len(set(nonmembers)))
-    if n < 2:
-        return None
     key = (examples_digest(target.members), examples_digest(target.nonmembers), seed)
     cache = target.extra.setdefault(BLIND_BASELINE_KEY, {})
     if key not in cache:
-        sm, sn = blind_baseline_scores(
-            members=members,
-            nonmembers=nonmembers,
-            num_folds=min(5, n),
-            seed=seed,
+        cache[key] = blind_text_auc(
+            [example_text(e) for e in target.members], [example_text(e) for e in target.nonmembers], seed=seed
         )
-        cache[key] = auc(scores_members=sm, scores_nonmembers=sn)
     return cache[key]
+
+
+def blind_text_auc(members: Sequence[str], nonmembers: Sequence[str], *, seed: int = 0) -> float | None:
+    """Out-of-fold AUC of the blind classifier (:func:`fedsecure.metrics.blind_baseline_scores`).
+
+    Up to 5 folds, fewer when a class has fewer distinct texts (repeated texts share a fold);
+    ``None`` when a class has fewer than two distinct texts.
+    """
+    from fedsecure.metrics import auc, blind_baseline_scores
+
+    n = min(len(set(members)), len(set(nonmembers)))
+    if n < 2:
+        return None
+    sm, sn = blind_baseline_scores(members=members, nonmembers=nonmembers, num_folds=min(5, n), seed=seed)
+    return float(auc(scores_members=sm, scores_nonmembers=sn))
 
 
 def membership_result(
