@@ -7,7 +7,8 @@ scenario on the released adapter and on the server's per-client view -- and writ
 a ``"defense"`` label ("none", "dp-sgd eps=8", "dp-sgd eps=1"), plus a compact ``"table"``
 (attack -> AUC, TPR@1%FPR, empirical epsilon lower bound) per run for reading at a glance.
 
-Run: ``.venv/bin/python benchmarks/membership.py [--quick] [--only none "dp-sgd eps=8" "dp-sgd eps=1"]``
+Run: ``.venv/bin/python benchmarks/membership.py [--quick] [--only none "dp-sgd eps=8" "dp-sgd eps=1"]
+[--runs-dir DIR]``
 (--quick: the tiny model, 1 round, fewer candidates -- a smoke run, not a measurement).
 """
 
@@ -78,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         help="run only these defense settings (labels: %(choices)s); the runs of other labels already in --out are "
         "kept, so the three runs can be measured in separate sessions",
     )
+    p.add_argument(
+        "--runs-dir", default=None,
+        help="also keep each run's results directory (adapter, config.toml, results.json, summary.md, ROC plots) "
+        "under DIR/<defense>, e.g. to audit the released adapter again with `fedsecure audit`",
+    )
     args = p.parse_args(argv)
     out = Path(args.out)
 
@@ -103,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         tree["name"] = f"{tree['name']}[{label}]"
         cfg = config_from_dict(tree)
         t0 = time.perf_counter()
-        results = Experiment(cfg).run().to_dict()
+        run_dir = None if args.runs_dir is None else Path(args.runs_dir) / label.replace(" ", "_").replace("=", "")
+        results = Experiment(cfg).run(out_dir=run_dir).to_dict()
         results["defense"] = label
         results["wall_s"] = time.perf_counter() - t0
         results["table"] = _table(results)
